@@ -1,0 +1,33 @@
+"""Experiments shared by the chapters: runtime setup, tiny models, tasks, training.
+
+Every experiment is a function of a small config with a "quick" preset (CPU,
+about a minute per notebook) and a "full" preset (a Colab GPU).
+"""
+
+from lora_edu.experiments.mlp import MLP, TeacherTask
+from lora_edu.experiments.pretrained import load_pretrained_mlp, pretraining_task
+from lora_edu.experiments.report import glue, sig
+from lora_edu.experiments.runtime import (
+    Runtime,
+    get_device,
+    get_scale,
+    seed_everything,
+    setup,
+)
+from lora_edu.experiments.train import evaluate, train
+
+__all__ = [
+    "MLP",
+    "Runtime",
+    "TeacherTask",
+    "evaluate",
+    "get_device",
+    "get_scale",
+    "glue",
+    "load_pretrained_mlp",
+    "pretraining_task",
+    "seed_everything",
+    "setup",
+    "sig",
+    "train",
+]
