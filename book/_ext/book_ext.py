@@ -9,7 +9,10 @@ twice and raised a JavaScript error. Each page now gets each script once.
 def _dedupe_scripts(app, pagename, templatename, context, doctree):
     seen, unique = set(), []
     for js in context.get("script_files", []):
-        key = (getattr(js, "filename", None) or None, tuple(sorted(getattr(js, "attributes", {}).items())))
+        key = (
+            getattr(js, "filename", None) or None,
+            tuple(sorted(getattr(js, "attributes", {}).items())),
+        )
         if key not in seen:
             seen.add(key)
             unique.append(js)
@@ -19,4 +22,3 @@ def _dedupe_scripts(app, pagename, templatename, context, doctree):
 def setup(app):
     app.connect("html-page-context", _dedupe_scripts)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
-
