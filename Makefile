@@ -33,7 +33,7 @@ lint: $(DEV_DEPS)
 	$(VENV)/bin/ruff check lora_edu tests scripts book/_ext conftest.py
 	$(VENV)/bin/ruff format --check lora_edu tests scripts book/_ext conftest.py
 
-unit: $(DEV_DEPS)
+unit: $(DEV_DEPS) chromium
 	$(NB_ENV) $(PY) -m pytest tests -q
 
 nbval: $(DEV_DEPS)

@@ -148,11 +148,10 @@ def check_search(page, base: str) -> list[str]:
     return []
 
 
-def main(site_dir: str) -> int:
-    site = Path(site_dir).resolve()
+def check_site(site: Path, pages: list[str], search: bool = True) -> list[str]:
+    """Every problem found on `pages` (paths relative to `site`), at each width."""
     shots = site.parent / "screens"
     shots.mkdir(parents=True, exist_ok=True)
-    pages = toc_pages(site)
     problems = [f"{p}: page in _toc.yml was not built" for p in pages if not (site / p).exists()]
     server, base = serve(site)
     with sync_playwright() as p:
@@ -160,27 +159,34 @@ def main(site_dir: str) -> int:
         for width, (w, h) in WIDTHS.items():
             context = browser.new_context(viewport={"width": w, "height": h})
             outside: list[str] = []
-            context.route("**/*", lambda route, seen=outside: _only_local(route, seen))
+            context.route("**/*", functools.partial(_only_local, outside=outside))
             for rel in [p for p in pages if (site / p).exists()]:
                 page = context.new_page()
                 problems += check_page(page, base, rel, site, shots, width)
                 page.close()
-            problems += check_search(context.new_page(), base)
+            if search:
+                problems += check_search(context.new_page(), base)
             problems += [f"request left the machine ({width}): {u}" for u in outside]
             context.close()
         browser.close()
     server.shutdown()
-    problems = sorted(set(problems))
+    return sorted(set(problems))
+
+
+def main(site_dir: str) -> int:
+    site = Path(site_dir).resolve()
+    pages = toc_pages(site)
+    problems = check_site(site, pages)
     for line in problems:
         print("FAIL", line)
     print(
         f"site check: {len(pages)} pages x {len(WIDTHS)} widths, {len(problems)} problems; "
-        f"screenshots in {shots}"
+        f"screenshots in {site.parent / 'screens'}"
     )
     return 1 if problems else 0
 
 
-def _only_local(route, outside: list[str]) -> None:
+def _only_local(route, request=None, *, outside: list[str]) -> None:
     host = urlparse(route.request.url).hostname
     if host in ("127.0.0.1", "localhost") or route.request.url.startswith("data:"):
         route.continue_()
