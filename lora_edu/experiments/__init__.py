@@ -4,8 +4,14 @@ Every experiment is a function of a small config with a "quick" preset (CPU,
 about a minute per notebook) and a "full" preset (a Colab GPU).
 """
 
-from lora_edu.experiments.mlp import MLP, TeacherTask
-from lora_edu.experiments.pretrained import load_pretrained_mlp, pretraining_task
+from lora_edu.experiments.llama import LlamaConfig, TinyLlama
+from lora_edu.experiments.mlp import MLP, SumTask, TeacherTask
+from lora_edu.experiments.pretrained import (
+    llama_pretraining_task,
+    load_pretrained_llama,
+    load_pretrained_mlp,
+    pretraining_task,
+)
 from lora_edu.experiments.report import glue, sig
 from lora_edu.experiments.runtime import (
     Runtime,
@@ -14,12 +20,19 @@ from lora_edu.experiments.runtime import (
     seed_everything,
     setup,
 )
+from lora_edu.experiments.sequences import SequenceTask
 from lora_edu.experiments.train import evaluate, train
 
 __all__ = [
     "MLP",
+    "LlamaConfig",
     "Runtime",
+    "SequenceTask",
+    "SumTask",
     "TeacherTask",
+    "TinyLlama",
+    "llama_pretraining_task",
+    "load_pretrained_llama",
     "evaluate",
     "get_device",
     "get_scale",

@@ -59,6 +59,11 @@ class TeacherTask:
         x = torch.randn(batch_size, self.d_in, generator=generator).to(device)
         return x, self.target(x)
 
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """Mean squared error of the model's output against the teacher's."""
+        x, y = batch
+        return nn.functional.mse_loss(model(x), y)
+
 
 class SumTask(TeacherTask):
     """A weighted sum of teachers: target(x) = sum_i weight_i * teacher_i(x)."""

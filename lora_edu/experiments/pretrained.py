@@ -1,5 +1,10 @@
 """The book's small "pretrained" base models, stored once as safetensors files.
 
+- an MLP (32 -> 256 -> 256 -> 32) pretrained on a teacher-student regression;
+- a tiny LLaMA (2 layers, width 64, grouped-query attention) pretrained to copy
+  a string (`SequenceTask("copy")`), to be fine-tuned on other string tasks.
+
+
 `scripts/make_base_models.py` trains them (a few seconds each) and writes them
 into `lora_edu/experiments/data/`; notebooks load them instead of re-training.
 """
@@ -10,7 +15,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from lora_edu.experiments.llama import LlamaConfig, TinyLlama
 from lora_edu.experiments.mlp import MLP, TeacherTask
+from lora_edu.experiments.sequences import SequenceTask
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -39,3 +46,29 @@ def load_pretrained_mlp(device="cpu") -> MLP:
     model = MLP(**MLP_BASE["dims"])
     model.load_state_dict(load_file(str(path)))
     return model.to(device)
+
+
+# The tiny LLaMA base: its config, the task it was pretrained on, and how.
+LLAMA_BASE = {
+    "file": "tiny_llama_copy.safetensors",
+    "config": LlamaConfig(),
+    "task": "copy",
+    "steps": 1500,
+    "lr": 3e-3,
+    "batch_size": 64,
+}
+
+
+def load_pretrained_llama(device="cpu") -> TinyLlama:
+    """The tiny LLaMA pretrained on copying (fresh copy, all parameters trainable)."""
+    path = DATA_DIR / LLAMA_BASE["file"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python scripts/make_base_models.py`")
+    model = TinyLlama(LLAMA_BASE["config"])
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device)
+
+
+def llama_pretraining_task() -> SequenceTask:
+    """The task the tiny LLaMA base was pretrained on."""
+    return SequenceTask(LLAMA_BASE["task"])

@@ -1,7 +1,8 @@
 """A seeded training loop that returns the loss curve.
 
 Every compared run uses the same data stream (one generator seed), the same
-step budget and the same loss, so curves differ only by what is trained.
+step budget and the same loss, so curves differ only by what is trained. A task
+has `sample(batch_size, generator, device)` and `loss(model, batch)`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ def train(
     params=None,
     desc: str | None = None,
 ) -> list[float]:
-    """Train `model` on `task` with MSE loss and return the loss at every step.
+    """Train `model` on `task` and return the loss at every step.
 
     Args:
         model: the network; only parameters with requires_grad are trained.
-        task: has `sample(batch_size, generator, device) -> (x, y)`.
+        task: has `sample(batch_size, generator, device)` and `loss(model, batch)`.
         steps: number of optimizer steps.
         lr: learning rate.
         optimizer: "adam" (AdamW without weight decay) or "sgd".
@@ -43,8 +44,7 @@ def train(
     losses = []
     disable = bool(os.environ.get("TQDM_DISABLE"))
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=disable):
-        x, y = task.sample(batch_size, gen, device)
-        loss = nn.functional.mse_loss(model(x), y)
+        loss = task.loss(model, task.sample(batch_size, gen, device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -62,7 +62,6 @@ def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task, n: int = 4096, seed: int = 12345) -> float:
-    """Mean squared error on `n` fresh samples drawn with a fixed seed."""
+    """The task's loss on `n` fresh samples drawn with a fixed seed (never seen in training)."""
     device = next(model.parameters()).device
-    x, y = task.sample(n, torch.Generator().manual_seed(seed), device)
-    return nn.functional.mse_loss(model(x), y).item()
+    return task.loss(model, task.sample(n, torch.Generator().manual_seed(seed), device)).item()
