@@ -57,3 +57,54 @@ def rank_explorer(image: torch.Tensor, max_rank: int = 100):
     return _demo_box(
         [slider, caption, picture], f"rank explorer for a {h} x {w} image (drag the slider)"
     )
+
+
+def delta_weight_image(r: int, alpha: float, d: int = 64, k: int = 64, seed: int = 0):
+    """A LoRA update s·B A with random factors, and its trainable parameter count r(d + k).
+
+    A is drawn as PEFT does (Kaiming-uniform, a=√5) and B with std 0.5, as if after
+    training; the factors for rank r are the first r of a fixed draw, so sliding r
+    adds outer products to the same update.
+    """
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    bound = 1 / math.sqrt(k)  # kaiming_uniform_(a=√5) on an (r, k) matrix
+    a = (torch.rand(256, k, generator=g) * 2 - 1) * bound  # (256, k), rows 0..r-1 used
+    b = torch.randn(d, 256, generator=g) * 0.5  # (d, 256)
+    delta = (alpha / r) * b[:, :r] @ a[:r]  # (d, k)
+    return delta, r * (d + k)
+
+
+def lora_explorer(d: int = 64, k: int = 64):
+    """Sliders for r and α: the update s·B A as an image, its norm and the parameter count."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    r_slider = widgets.IntSlider(value=8, min=1, max=64, description="r", continuous_update=False)
+    a_slider = widgets.FloatLogSlider(
+        value=16, base=2, min=0, max=8, description="alpha", continuous_update=False
+    )
+    caption = widgets.Label()
+    picture = widgets.Image(format="png", width=320)
+
+    def update(change=None):
+        delta, n = delta_weight_image(r_slider.value, a_slider.value, d, k)
+        caption.value = (
+            f"r={r_slider.value}, alpha={a_slider.value:g}: scaling "
+            f"{a_slider.value / r_slider.value:.3g}, {n:,} trainable parameters, "
+            f"|delta W| = {delta.norm():.3f}"
+        )
+        buf = io.BytesIO()
+        plt.imsave(
+            buf, delta.clamp(-0.5, 0.5).numpy(), cmap="RdBu", vmin=-0.5, vmax=0.5, format="png"
+        )
+        picture.value = buf.getvalue()
+
+    r_slider.observe(update, names="value")
+    a_slider.observe(update, names="value")
+    update()
+    return _demo_box(
+        [r_slider, a_slider, caption, picture],
+        f"LoRA update explorer for a {d} x {k} layer (drag the sliders)",
+    )
