@@ -23,13 +23,16 @@ def _png(gray: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+WIDGET_MARK = "[interactive widget]"  # ends the stored text of every demo (tests look for it)
+
+
 def _demo_box(children, label: str):
-    """A VBox whose text form is `label` (what a notebook stores for it)."""
+    """A VBox whose text form is `label` + WIDGET_MARK (what a notebook stores for it)."""
     import ipywidgets as widgets
 
     class Demo(widgets.VBox):
         def __repr__(self) -> str:
-            return label
+            return f"{label} {WIDGET_MARK}"
 
     return Demo(children)
 
@@ -107,4 +110,100 @@ def lora_explorer(d: int = 64, k: int = 64):
     return _demo_box(
         [r_slider, a_slider, caption, picture],
         f"LoRA update explorer for a {d} x {k} layer (drag the sliders)",
+    )
+
+
+QUANT_TYPES = {"int4": "int4 absmax", "fp4": "FP4", "nf4": "NF4"}  # type -> label
+
+
+def quantization_levels(quant_type: str) -> torch.Tensor:
+    """The sorted values in [-1, 1] a block divided by its absmax is rounded to.
+
+    "int4" is absmax int4 (k / 7 for k = -7..7, 15 levels); "fp4" and "nf4" are
+    the 16-value codebooks of `lora_edu.quant`.
+    """
+    from lora_edu.quant import fp4_codebook, nf4_codebook
+
+    if quant_type == "int4":
+        return torch.arange(-7, 8) / 7
+    if quant_type in ("fp4", "nf4"):
+        code = fp4_codebook() if quant_type == "fp4" else nf4_codebook()
+        return code.sort().values
+    raise ValueError(f"quant_type must be one of {list(QUANT_TYPES)}, got {quant_type!r}")
+
+
+def quantization_error(
+    w: torch.Tensor, quant_type: str, blocksize: int
+) -> tuple[torch.Tensor, float]:
+    """Blockwise 4-bit quantization of `w`: its values divided by their block's absmax,
+    and the relative error |w - w_hat|^2 / |w|^2 of the round trip."""
+    from lora_edu import quant
+
+    quantization_levels(quant_type)  # raises on an unknown type
+    flat = w.reshape(-1).float()
+    if quant_type == "int4":
+        q, scales = quant.quantize_blockwise_absmax(flat, blocksize, bits=4)
+        w_hat = quant.dequantize_blockwise_absmax(q, scales, blocksize)
+    else:
+        packed, state = quant.quantize_4bit(flat, quant_type, blocksize)
+        w_hat = quant.dequantize_4bit(packed, state)
+    scaled, _ = quant.scale_blocks(flat, blocksize)  # (n,) in [-1, 1]
+    return scaled, float((flat - w_hat).pow(2).sum() / flat.pow(2).sum())
+
+
+def _quantization_png(scaled: torch.Tensor, levels: torch.Tensor, title: str) -> bytes:
+    """Histogram of `scaled` with the code levels as vertical lines, as PNG bytes."""
+    from matplotlib.figure import Figure  # no pyplot: nothing shows up in the notebook
+
+    fig = Figure(figsize=(6.4, 3.0), dpi=80)
+    ax = fig.subplots()
+    ax.hist(scaled.numpy(), bins=161, range=(-1, 1), density=True, color="0.75")
+    for v in levels.tolist():
+        ax.axvline(v, color="C3", lw=1)
+    ax.set(xlabel="weight / absmax of its block", ylabel="density", xlim=(-1.05, 1.05))
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def quantization_explorer(w: torch.Tensor | None = None):
+    """A blocksize slider and a type menu: the scaled weights, the code levels and the error.
+
+    Args:
+        w: the weights to quantize; by default 256 x 256 draws of N(0, 0.02^2).
+    """
+    import ipywidgets as widgets
+
+    from lora_edu.quant import BLOCKSIZES_4BIT
+
+    if w is None:
+        w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    size = widgets.SelectionSlider(
+        options=BLOCKSIZES_4BIT, value=64, description="blocksize", continuous_update=False
+    )
+    kind = widgets.Dropdown(
+        options=[(label, key) for key, label in QUANT_TYPES.items()],
+        value="nf4",
+        description="type",
+    )
+    caption = widgets.Label()
+    picture = widgets.Image(format="png", width=480)
+
+    def update(change=None):
+        scaled, rel = quantization_error(w, kind.value, size.value)
+        bits = 4 + 32 / size.value  # 4-bit codes + one float32 absmax per block
+        caption.value = (
+            f"{QUANT_TYPES[kind.value]}, blocksize {size.value}: relative error {rel:.3g}, "
+            f"{bits:.3g} bits per parameter"
+        )
+        picture.value = _quantization_png(scaled, quantization_levels(kind.value), caption.value)
+
+    size.observe(update, names="value")
+    kind.observe(update, names="value")
+    update()
+    return _demo_box(
+        [size, kind, caption, picture],
+        f"quantization explorer for {w.numel():,} weights (pick a blocksize and a type)",
     )

@@ -87,11 +87,30 @@ def execute(nb: nbformat.NotebookNode) -> float:
     client.execute()
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
         for out in cell.get("outputs", []):
             # Widget views point at a random model id and no state is saved: keep their text.
             out.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
     nb.metadata.pop("widgets", None)  # no saved widget state: the site loads no widget JS
     return time.perf_counter() - start
+
+
+def merge_streams(outputs: list) -> list:
+    """Join consecutive stdout (or stderr) chunks: how a kernel splits them depends on timing."""
+    merged = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (
+            out.output_type == "stream"
+            and prev is not None
+            and prev.output_type == "stream"
+            and prev.name == out.name
+        ):
+            prev.text += out.text
+        else:
+            merged.append(out)
+    return merged
 
 
 def sources(prefixes: list[str]) -> list[Path]:

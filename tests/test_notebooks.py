@@ -16,6 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import notebooks as nbtool  # noqa: E402
+from lora_edu.widgets import WIDGET_MARK  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 WIDGET = "application/vnd.jupyter.widget-view+json"
@@ -77,6 +78,10 @@ def test_stored_outputs_are_complete_png_only_and_free_of_progress_bars(path):
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run top to bottom"
     assert "widgets" not in nb.metadata, "saved widget state would make the site load CDN scripts"
     for cell in code:
+        streams = [o.get("name") if o.output_type == "stream" else None for o in cell.outputs]
+        assert all(a is None or a != b for a, b in zip(streams, streams[1:])), (
+            f"consecutive stream outputs in {cell.id}: run `make notebooks`"
+        )
         for out in cell.outputs:
             assert out.output_type != "error", f"error stored in cell {cell.id}"
             data = out.get("data", {})
@@ -85,7 +90,8 @@ def test_stored_outputs_are_complete_png_only_and_free_of_progress_bars(path):
             assert not re.search(r"\d+%\|", text), f"progress bar stored in cell {cell.id}"
             assert out.get("name") != "stderr", f"stderr stored in cell {cell.id}: {text[:200]}"
             assert WIDGET not in data, "widget views are stored as text only (no model id)"
-        if "widgets import" in cell.source:
+        texts = [o.get("data", {}).get("text/plain", "") for o in cell.outputs]
+        if any(t.endswith(WIDGET_MARK) for t in texts):  # a lora_edu widget
             assert "remove-output" in cell.metadata.get("tags", []), (
                 "a widget output is removed from the site (its static figure stands beside it)"
             )

@@ -17,7 +17,7 @@ def test_rank_explorer_redraws_and_reports_the_error_of_the_chosen_rank():
     err = (image - (approx[0][:, :3] * approx[1][:3]) @ approx[2][:3]).norm() / image.norm()
     assert caption.value.startswith(f"rank 3: relative error {err:.3f}")
     assert bytes(picture.value) != first_png
-    assert repr(demo) == "rank explorer for a 40 x 30 image (drag the slider)"
+    assert repr(demo) == "rank explorer for a 40 x 30 image (drag the slider) [interactive widget]"
 
 
 def test_delta_weight_image_has_rank_r_and_shrinks_like_one_over_sqrt_r():

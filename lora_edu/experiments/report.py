@@ -17,10 +17,17 @@ def sig(x: float, digits: int = 3) -> float:
     return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
 
 
+class _Text(str):
+    """A string that shows without quotes (its repr is itself)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def glue(name: str, value, display: bool = False) -> None:
-    """Store `value` under `name` for `{glue:text}` roles in the book's prose."""
+    """Store `value` under `name` for `{glue:text}` roles in the book's prose (strings unquoted)."""
     try:
         from myst_nb import glue as _glue
     except ImportError:  # e.g. on Colab: the prose is not built there
         return
-    _glue(name, value, display=display)
+    _glue(name, _Text(value) if isinstance(value, str) else value, display=display)
