@@ -66,3 +66,26 @@ def test_new_skill_task_adds_a_second_teacher():
 )
 def test_sig_rounds_to_three_significant_figures(x, expected):
     assert sig(x) == expected
+
+
+def test_low_rank_shift_has_the_planted_rank_and_a_zero_best_loss_at_that_rank():
+    from lora_edu.experiments import LinearShiftTask
+
+    task = LinearShiftTask.low_rank(48, 32, rank=3, seed=1)
+    assert torch.linalg.matrix_rank(task.delta).item() == 3
+    assert task.best_loss(3) < 1e-10 < task.best_loss(2)
+    student = task.student()
+    x, y = task.sample(4096, torch.Generator().manual_seed(0))
+    # the untouched student's loss is the energy of the shift: E||delta x||^2 / d_out
+    expected = task.delta.pow(2).sum().item() / 48
+    assert abs(task.loss(student, (x, y)).item() - expected) < 0.1 * expected
+
+
+def test_decaying_shift_is_full_rank_and_more_rank_always_helps():
+    from lora_edu.experiments import LinearShiftTask
+
+    task = LinearShiftTask.decaying(64, 40, power=1.0)
+    s = torch.linalg.svdvals(task.delta)
+    assert (s > 0).all() and torch.allclose(s[0] / s[9], torch.tensor(10.0), rtol=1e-3)
+    losses = [task.best_loss(r) for r in [1, 4, 16, 39]]
+    assert all(a > b for a, b in zip(losses, losses[1:]))

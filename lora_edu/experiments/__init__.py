@@ -5,7 +5,7 @@ about a minute per notebook) and a "full" preset (a Colab GPU).
 """
 
 from lora_edu.experiments.llama import LlamaConfig, TinyLlama
-from lora_edu.experiments.mlp import MLP, SumTask, TeacherTask
+from lora_edu.experiments.mlp import MLP, LinearShiftTask, SumTask, TeacherTask
 from lora_edu.experiments.pretrained import (
     llama_pretraining_task,
     load_pretrained_llama,
@@ -25,6 +25,7 @@ from lora_edu.experiments.train import evaluate, train
 
 __all__ = [
     "MLP",
+    "LinearShiftTask",
     "LlamaConfig",
     "Runtime",
     "SequenceTask",

@@ -74,3 +74,57 @@ class SumTask(TeacherTask):
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         return sum(w * t.target(x) for t, w in zip(self.teachers, self.weights))
+
+
+class LinearShiftTask:
+    """A "pretrained" linear layer W0 and a target W0 + delta whose change is known.
+
+    The student is `task.student()`, an nn.Linear holding W0; its loss on a batch is
+    the mean squared error against x @ (W0 + delta).T for standard normal x. With
+    `low_rank(...)` the shift has exactly rank k; with `decaying(...)` it is full
+    rank with singular values falling as i^-power, so more rank always helps a bit.
+    """
+
+    def __init__(self, w0: torch.Tensor, delta: torch.Tensor):
+        self.w0, self.delta = w0, delta  # (d_out, d_in) each
+        self.d_out, self.d_in = w0.shape
+
+    @classmethod
+    def low_rank(cls, d_out: int, d_in: int, rank: int, seed: int = 0) -> LinearShiftTask:
+        """delta = U V^T of exactly `rank`, with ||delta||_F equal to ||W0||_F / 4."""
+        g = torch.Generator().manual_seed(seed)
+        w0 = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+        delta = torch.randn(d_out, rank, generator=g) @ torch.randn(rank, d_in, generator=g)
+        return cls(w0, delta * (w0.norm() / 4 / delta.norm()))
+
+    @classmethod
+    def decaying(cls, d_out: int, d_in: int, power: float = 1.0, seed: int = 0) -> LinearShiftTask:
+        """Full-rank delta with singular values proportional to i^-power, ||delta|| = ||W0|| / 4."""
+        g = torch.Generator().manual_seed(seed)
+        w0 = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+        n = min(d_out, d_in)
+        u, _ = torch.linalg.qr(torch.randn(d_out, n, generator=g))  # (d_out, n)
+        v, _ = torch.linalg.qr(torch.randn(d_in, n, generator=g))  # (d_in, n)
+        s = torch.arange(1, n + 1, dtype=torch.float32) ** -power  # (n,)
+        delta = (u * s) @ v.T  # (d_out, d_in)
+        return cls(w0, delta * (w0.norm() / 4 / delta.norm()))
+
+    def student(self) -> nn.Linear:
+        """A fresh nn.Linear (no bias) holding W0: the model to fine-tune."""
+        layer = nn.Linear(self.d_in, self.d_out, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(self.w0)
+        return layer
+
+    def sample(self, batch_size: int, generator: torch.Generator, device="cpu"):
+        x = torch.randn(batch_size, self.d_in, generator=generator).to(device)
+        return x, x @ (self.w0 + self.delta).T.to(device)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(model(x), y)
+
+    def best_loss(self, rank: int) -> float:
+        """Lowest expected loss of W0 + (any rank-`rank` update): Eckart-Young on delta."""
+        s = torch.linalg.svdvals(self.delta)
+        return float(s[rank:].pow(2).sum() / self.d_out)
