@@ -30,8 +30,8 @@ notebooks: $(BOOK_DEPS)  ## re-run notebooks (NB="01 03" for some) at the quick 
 	$(NB_ENV) $(PY) scripts/notebooks.py $(NB)
 
 lint: $(DEV_DEPS)
-	$(VENV)/bin/ruff check lora_edu tests scripts book/_ext conftest.py
-	$(VENV)/bin/ruff format --check lora_edu tests scripts book/_ext conftest.py
+	$(VENV)/bin/ruff check lora_edu tests scripts benchmarks book/_ext conftest.py
+	$(VENV)/bin/ruff format --check lora_edu tests scripts benchmarks book/_ext conftest.py
 
 unit: $(DEV_DEPS) chromium
 	$(NB_ENV) $(PY) -m pytest tests -q
@@ -41,6 +41,9 @@ nbval: $(DEV_DEPS)
 
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+bench: $(DEV_DEPS)  ## measure ratios (lora_edu vs PEFT / bitsandbytes, notebook times); writes the appendix table
+	$(PY) -m benchmarks.run
 
 site-check: $(DEV_DEPS) chromium
 	$(PY) tests/site/check_site.py _build/html
