@@ -44,7 +44,7 @@ def low_rank_approx(w: torch.Tensor, r: int) -> torch.Tensor:
         r: the rank to keep, 0 <= r <= min(d, k).
 
     Returns:
-        U[:, :r] diag(S[:r]) Vh[:r], a (d, k) matrix of rank at most r.
+        The sum of the top r singular triplets, a (d, k) matrix of rank at most r.
     """
     _check_matrix(w)
     _check_rank(r, w)

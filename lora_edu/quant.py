@@ -1,13 +1,13 @@
 """Quantization for QLoRA: absmax int8/int4, blockwise scales, NF4/FP4, double quantization.
 
 Store a weight as small integers plus a scale. Absmax quantization maps x to
-q = round(x / s) with s = max|x| / (2^(b-1) - 1); one outlier inflates s and
+q = round(x / s) with s = max(abs(x)) / (2^(b-1) - 1); one outlier inflates s and
 wipes out the small values, so blockwise quantization keeps one scale per block
 of 64 values and the outlier hurts only its own block. QLoRA (Dettmers et al.,
 2023, https://arxiv.org/abs/2305.14314) stores 4-bit indices into a 16-value
 codebook (NF4 or FP4, see `quant_codebooks`), packed two per byte:
 
-    w ~= code[q] * absmax_b,    q = argmin_j |w / absmax_b - code_j|,   b = block of w
+    w ~= code[q] * absmax_b,    q = argmin_j abs(w / absmax_b - code_j),   b = block of w
 
 That costs 4 + 32/64 = 4.5 bits per parameter. Double quantization stores the
 absmax themselves in 8 bits (blocks of 256, signed dynamic map):
@@ -81,7 +81,7 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch
 
     Returns:
         (q, scale): int8 codes shaped like `x` and a float32 scalar
-        scale = max|x| / (2^(bits-1) - 1), so that x ~= q * scale.
+        scale = max(abs(x)) / (2^(bits-1) - 1), so that x ~= q * scale.
     """
     _check_float(x, "x")
     qmax = _check_bits(bits)

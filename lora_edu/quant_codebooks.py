@@ -124,7 +124,7 @@ def fp4_codebook() -> torch.Tensor:
     stores +0.0 there; the two compare equal).
 
     Returns:
-        A (16,) float32 tensor, not sorted, max |code| = 1.
+        A (16,) float32 tensor, not sorted, max(abs(code)) = 1.
     """
     bits = torch.arange(16)
     sign, e, m = bits >> 3, (bits >> 1) & 0b11, (bits & 1).double()  # (16,) each

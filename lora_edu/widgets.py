@@ -136,7 +136,7 @@ def quantization_error(
     w: torch.Tensor, quant_type: str, blocksize: int
 ) -> tuple[torch.Tensor, float]:
     """Blockwise 4-bit quantization of `w`: its values divided by their block's absmax,
-    and the relative error |w - w_hat|^2 / |w|^2 of the round trip."""
+    and the relative error ||w - w_hat||^2 / ||w||^2 of the round trip."""
     from lora_edu import quant
 
     quantization_levels(quant_type)  # raises on an unknown type
