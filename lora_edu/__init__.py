@@ -2,13 +2,14 @@
 
 One module per chapter: `linalg` (rank and the SVD), `lora` (the LoRA layer),
 `inject` and `adapters` (LoRA inside a model, PEFT's file format), `scaling`
-(alpha / r and rsLoRA), `quant` (absmax to NF4, double quantization, Linear4bit).
+(alpha / r and rsLoRA), `dora` (DoRA), `quant` (absmax to NF4, double quantization, Linear4bit).
 `plot` and `widgets` are the book's figure helpers; they import matplotlib and
 ipywidgets lazily, so the package itself needs only torch, numpy, safetensors
 and tqdm.
 """
 
 from lora_edu.adapters import load_adapter, save_adapter
+from lora_edu.dora import DoRALinear
 from lora_edu.inject import (
     LoRAConfig,
     add_lora,
@@ -33,6 +34,7 @@ from lora_edu.scaling import lora_scaling
 __version__ = "0.1.0"
 
 __all__ = [
+    "DoRALinear",
     "LoRAConfig",
     "LoRALinear",
     "add_lora",

@@ -4,8 +4,9 @@ An adapter is a directory of two files. `adapter_config.json` holds the
 LoraConfig fields (peft_type "LORA", r, lora_alpha, target_modules, ...), and
 `adapter_model.safetensors` holds, for each wrapped layer at module path P,
 
-    base_model.model.P.lora_A.weight   (r x in)
-    base_model.model.P.lora_B.weight   (out x r)
+    base_model.model.P.lora_A.weight          (r x in)
+    base_model.model.P.lora_B.weight          (out x r)
+    base_model.model.P.lora_magnitude_vector  (out,), DoRA adapters only (no ".weight")
 
 The prefix is PEFT's: a `PeftModel` holds a `LoraModel` (`base_model`) that holds
 your model (`model`); for a transformers LlamaForCausalLM, P itself starts with
@@ -33,7 +34,9 @@ __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter"]
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight")
+KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
+LORA_PARTS = ("lora_A.weight", "lora_B.weight")
+DORA_PARTS = (*LORA_PARTS, "lora_magnitude_vector")
 KEPT = ("README.md",)  # PEFT's model card: kept when an adapter directory is overwritten
 
 
@@ -43,16 +46,25 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for path, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue
-        for part in ("lora_A", "lora_B"):
-            weight = getattr(layer, part)[adapter_name].weight
+        for part, weight in _adapter_tensors(layer, adapter_name).items():
             if weight.is_meta:
                 raise ValueError(
                     f"{path}.{part} lives on the meta device: it holds no values to save"
                 )
-            tensors[f"{PREFIX}{path}.{part}.weight"] = (
-                weight.detach().to("cpu", copy=True).contiguous()
-            )
+            tensors[f"{PREFIX}{path}.{part}"] = weight.detach().to("cpu", copy=True).contiguous()
     return tensors
+
+
+def _adapter_tensors(layer: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """One layer's tensors of the adapter by file key suffix: A, B, and DoRA's magnitude."""
+    parts = {
+        "lora_A.weight": layer.lora_A[adapter_name].weight,
+        "lora_B.weight": layer.lora_B[adapter_name].weight,
+    }
+    magnitudes = getattr(layer, "lora_magnitude_vector", {})
+    if adapter_name in magnitudes:
+        parts["lora_magnitude_vector"] = magnitudes[adapter_name]
+    return parts
 
 
 def save_adapter(
@@ -158,26 +170,33 @@ def _check_fits(model: nn.Module, config: LoRAConfig, tensors: dict, adapter_nam
             by_module.setdefault(m[1], {})[m[2]] = tensor
     if bad:
         raise ValueError(
-            f"unexpected tensors {bad[:4]}: expected float {PREFIX}<module>.lora_A/lora_B.weight"
+            f"unexpected tensors {bad[:4]}: expected float {PREFIX}<module>.lora_A/lora_B.weight "
+            "(and .lora_magnitude_vector for DoRA)"
         )
     unknown = sorted(set(by_module) - set(targets))
     if unknown:
         raise ValueError(
             f"the adapter has weights for modules the model lacks or the config does not target: {unknown[:4]}"
         )
-    missing = sorted(p for p in targets if len(by_module.get(p, {})) != 2)
-    if missing:
+    parts = DORA_PARTS if config.use_dora else LORA_PARTS
+    wrong = sorted(p for p in targets if set(by_module.get(p, {})) != set(parts))
+    if wrong:
+        dora = " or lora_magnitude_vector" if config.use_dora else ""
         raise ValueError(
-            f"the adapter lacks lora_A/lora_B weights for targeted modules {missing[:4]}"
+            f"the adapter lacks lora_A/lora_B weights{dora} for targeted modules {wrong[:4]}, or "
+            f"holds a magnitude while use_dora is false: each needs {list(parts)}, "
+            f"{wrong[0]} has {sorted(by_module.get(wrong[0], {}))}"
         )
     for path, module in targets.items():
-        want = {"lora_A": (config.r, module.in_features), "lora_B": (module.out_features, config.r)}
-        for part, shape in want.items():
+        d_in, d_out = module.in_features, module.out_features
+        want = {"lora_A.weight": (config.r, d_in), "lora_B.weight": (d_out, config.r),
+                "lora_magnitude_vector": (d_out,)}  # fmt: skip
+        for part in parts:
             got = tuple(by_module[path][part].shape)
-            if got != shape:
+            if got != want[part]:
                 raise ValueError(
-                    f"{path}.{part}.weight has shape {got}, but r={config.r} (adapter_config.json) and "
-                    f"the layer's {module.in_features} -> {module.out_features} need {shape}"
+                    f"{path}.{part} has shape {got}, but r={config.r} (adapter_config.json) and "
+                    f"the layer's {d_in} -> {d_out} need {want[part]}"
                 )
     return by_module
 
@@ -200,7 +219,6 @@ def load_adapter(
     with torch.no_grad():
         for path, layer in lora_layers(model):
             if adapter_name in layer.lora_A:
-                for part in ("lora_A", "lora_B"):
-                    weight = getattr(layer, part)[adapter_name].weight
+                for part, weight in _adapter_tensors(layer, adapter_name).items():
                     weight.copy_(by_module[path][part]).requires_grad_(is_trainable)
     return model

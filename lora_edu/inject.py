@@ -22,6 +22,7 @@ from numbers import Real
 import torch
 from torch import nn
 
+from lora_edu.dora import DoRALinear
 from lora_edu.lora import INIT_CHOICES, LoRALinear, is_linear_like
 from lora_edu.scaling import lora_scaling
 
@@ -50,7 +51,7 @@ class LoRAConfig:
     target_modules: list[str] | str | None = None  # names, a regex, or "all-linear"
     lora_dropout: float = 0.0  # dropout on the adapter's input only
     use_rslora: bool = False  # scaling = lora_alpha / sqrt(r) instead
-    use_dora: bool = False  # DoRA: lands in lora_edu.dora
+    use_dora: bool = False  # DoRA (lora_edu.dora): a trainable magnitude per output row
     bias: str = "none"  # only "none": biases stay frozen
     init_lora_weights: bool | str = True  # True, "gaussian", or False (random B, for tests)
     modules_to_save: list[str] | None = None  # not supported yet: must stay None
@@ -62,8 +63,6 @@ class LoRAConfig:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {d!r}")
         if self.bias != "none":
             raise ValueError(f'bias must be "none" (lora_edu trains no biases), got {self.bias!r}')
-        if self.use_dora:
-            raise NotImplementedError("DoRA lands in lora_edu.dora")
         if self.init_lora_weights not in INIT_CHOICES:
             raise ValueError(
                 f"init_lora_weights must be in {INIT_CHOICES}, got {self.init_lora_weights!r}"
@@ -171,8 +170,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def add_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter `adapter_name` to the layers `config` targets, in place; returns the model.
 
-    Targets become `LoRALinear` (or get one more adapter if they already are). Every
-    parameter is frozen except the new adapter's lora_A and lora_B, and the new adapter
+    Targets become `LoRALinear` (`DoRALinear` with `use_dora`), or get one more adapter if
+    they already are. Every parameter is frozen except the new adapter's lora_A and lora_B
+    (and its DoRA magnitude), and the new adapter
     becomes the active one (PEFT's `add_adapter` instead leaves the active one as it was).
     Everything is checked before the model changes, so a failing call changes nothing.
     """
@@ -186,15 +186,25 @@ def add_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "default"
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
     targets = find_targets(model, config)
+    held = [(n, m) for n, m in targets.items() if isinstance(m, LoRALinear)]
+    blocked = [n for n, m in held if type(m) is LoRALinear or m.merged]
+    if config.use_dora and blocked:
+        raise ValueError(
+            f"cannot add a DoRA adapter to {blocked[:4]}: it needs a DoRALinear with nothing merged, "
+            "and these are plain LoRALinear layers or hold merged adapters. Add DoRA adapters "
+            "first (a DoRALinear holds plain ones too), unmerge, or unload()"
+        )
     args = [getattr(config, f) for f in LAYER_ARGS]
+    kind = DoRALinear if config.use_dora else LoRALinear
     new = [(n, m) for n, m in targets.items() if not isinstance(m, LoRALinear)]
-    wrapped = {n: LoRALinear(m, *args, adapter_name=adapter_name) for n, m in new}
+    wrapped = {n: kind(m, *args, adapter_name=adapter_name) for n, m in new}
+    dora = {"use_dora": True} if config.use_dora else {}
     # From here on the model changes; nothing below can fail on a valid config.
     for name, module in targets.items():
         if name in wrapped:
             _replace(model, name, wrapped[name])
         else:
-            module.update_layer(adapter_name, *args)
+            module.update_layer(adapter_name, *args, **dora)
     stored = sorted(targets) if config.target_modules == "all-linear" else config.target_modules
     model.lora_configs = {**configs, adapter_name: replace(config, target_modules=stored)}
     model.requires_grad_(False)
@@ -309,6 +319,8 @@ def add_weighted_adapter(
         )
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    if any(configs[a].use_dora for a in adapters):
+        raise ValueError("add_weighted_adapter combines plain LoRA adapters only, not DoRA ones")
     if combination_type not in ("cat", "linear"):
         raise ValueError(f"combination_type must be 'cat' or 'linear', got {combination_type!r}")
     combination_type = "linear" if len(adapters) == 1 else combination_type  # as PEFT

@@ -103,7 +103,10 @@ class LoRALinear(nn.Module):
         self.active_adapters: list[str] = [adapter_name]
         self.merged_adapters: list[str] = []
         self.disable_adapters = False  # when True, forward is the base layer alone
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        # The first adapter is a plain LoRA one; a subclass (DoRALinear) adds its own parts after.
+        LoRALinear.update_layer(
+            self, adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora
+        )
         base_layer.requires_grad_(False)  # W0 stays frozen (only once the arguments are valid)
 
     def update_layer(
@@ -167,10 +170,13 @@ class LoRALinear(nn.Module):
         for name in self.active_adapters:
             if name not in self.lora_A or name in self.merged_adapters:
                 continue  # this layer lacks the adapter, or W0 already holds it
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            h = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))  # (..., r)
-            result = result + lora_B(h) * self.scaling[name]  # (..., out)
+            result = self.adapter_forward(name, x.to(self.lora_A[name].weight.dtype), result)
         return result.to(out_dtype)
+
+    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` plus one adapter's update, scaling * B(A(dropout(x))); x in the adapter's dtype."""
+        h = self.lora_A[name](self.lora_dropout[name](x))  # (..., r)
+        return result + self.lora_B[name](h) * self.scaling[name]  # (..., out)
 
     def delta_weight(self, adapter_name: str = "default") -> torch.Tensor:
         """Delta W = scaling * B @ A, shape (out, in), in the adapter's dtype."""
@@ -186,6 +192,20 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """W0 <- W0 + Delta W for each adapter (default: the active ones this layer has)."""
+        names = self._to_merge(adapter_names)
+        weight = self._writable_weight()
+        for name in names:
+            self._merge_adapter(name, weight)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 <- W0 - Delta W for every merged adapter, newest first (a no-op when none is merged)."""
+        while self.merged_adapters:
+            self._unmerge_adapter(self.merged_adapters.pop(), self._writable_weight())
+
+    def _to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        """The adapters `merge` will merge (default: the active ones this layer has), checked."""
         if adapter_names is None:
             adapter_names = [n for n in self.active_adapters if n in self.lora_A]
         self._check_known(adapter_names)
@@ -194,17 +214,13 @@ class LoRALinear(nn.Module):
             raise ValueError(
                 f"adapter(s) {again} are already merged into the base weight; unmerge() first"
             )
-        weight = self._writable_weight()
-        for name in adapter_names:
-            weight += self.delta_weight(name).to(weight.dtype)  # (out, in)
-            self.merged_adapters.append(name)
+        return list(adapter_names)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """W0 <- W0 - Delta W for every merged adapter, newest first (a no-op when none is merged)."""
-        while self.merged_adapters:
-            weight = self._writable_weight()
-            weight -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)  # (out, in)
+    def _merge_adapter(self, name: str, weight: torch.Tensor) -> None:
+        weight += self.delta_weight(name).to(weight.dtype)  # (out, in), in place
+
+    def _unmerge_adapter(self, name: str, weight: torch.Tensor) -> None:
+        weight -= self.delta_weight(name).to(weight.dtype)  # (out, in), in place
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make these adapters the active ones: used in forward and trainable; the others frozen."""

@@ -194,7 +194,7 @@ def _corrupt(directory, how):
         ("extra key", ValueError, "modules the model lacks"),
         ("missing key", ValueError, "lacks lora_A/lora_B"),
         ("rank mismatch", ValueError, r"shape \(3, 8\), but r=4"),
-        ("dora", NotImplementedError, "lora_edu.dora"),
+        ("dora", ValueError, "lacks lora_A/lora_B weights or lora_magnitude_vector"),
     ],
 )
 def test_a_bad_adapter_raises_clearly_and_leaves_the_model_unchanged(tmp_path, how, error, message):

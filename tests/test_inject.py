@@ -324,7 +324,6 @@ def test_weighted_adapter_errors_are_clear():
         ({"target_modules": ["q"], "lora_alpha": -1}, ValueError, "> 0"),
         ({"target_modules": ["q"], "lora_dropout": 1.0}, ValueError, r"\[0, 1\)"),
         ({"target_modules": ["q"], "bias": "all"}, ValueError, 'must be "none"'),
-        ({"target_modules": ["q"], "use_dora": True}, NotImplementedError, "lora_edu.dora"),
         (
             {
                 "target_modules": "(",
