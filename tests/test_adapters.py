@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from model_state import assert_unchanged, snapshot
 from safetensors.torch import load_file, save_file
 
 from lora_edu import adapters
@@ -28,19 +29,6 @@ def _adapted(targets=("fc1", "fc3"), r=3, seed=0):
 
 def _x():
     return torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
-
-
-def _snapshot(model):
-    tree = [(n, type(m).__name__) for n, m in model.named_modules()]
-    params = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-    return tree, params, dict(getattr(model, "lora_configs", {}))
-
-
-def _assert_same(model, snap):
-    tree, params, configs = _snapshot(model)
-    assert tree == snap[0] and configs == snap[2] and params.keys() == snap[1].keys()
-    for n, (p, grad) in params.items():
-        assert torch.equal(p, snap[1][n][0]) and grad == snap[1][n][1], n
 
 
 def test_save_writes_peft_keys_shapes_and_config(tmp_path):
@@ -201,19 +189,19 @@ def test_a_bad_adapter_raises_clearly_and_leaves_the_model_unchanged(tmp_path, h
     save_adapter(_adapted(), tmp_path / "a")
     directory = _corrupt(tmp_path / "a", how)
     model = add_lora(_base(), LoRAConfig(r=2, target_modules=["fc2"]))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(error, match=message):
         load_adapter(model, directory, adapter_name="new")
-    _assert_same(model, snap)
+    assert_unchanged(model, snap)
 
 
 def test_loading_under_an_existing_name_fails_and_changes_nothing(tmp_path):
     save_adapter(_adapted(), tmp_path / "a")
     model = _adapted(seed=3)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         load_adapter(model, tmp_path / "a")
-    _assert_same(model, snap)
+    assert_unchanged(model, snap)
 
 
 def test_saving_an_unknown_adapter_lists_the_known_ones(tmp_path):

@@ -5,6 +5,7 @@ import io
 
 import pytest
 import torch
+from model_state import assert_unchanged, snapshot
 from torch import nn
 
 from lora_edu.inject import (
@@ -76,20 +77,6 @@ def _x(seed=1):
 
 def _wrapped(model):
     return sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
-
-
-def _snapshot(model):
-    tree = [(n, type(m).__name__) for n, m in model.named_modules()]
-    params = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-    return tree, params, dict(getattr(model, "lora_configs", {}))
-
-
-def _assert_same(model, snap):
-    tree, params, configs = _snapshot(model)
-    assert tree == snap[0] and configs == snap[2]
-    assert params.keys() == snap[1].keys()
-    for n, (p, grad) in params.items():
-        assert torch.equal(p, snap[1][n][0]) and grad == snap[1][n][1], n
 
 
 def _cfg(targets, **kw):
@@ -217,18 +204,18 @@ def test_print_trainable_parameters_prints_peft_line():
 )
 def test_a_failed_add_lora_leaves_the_model_unchanged(config, adapter_name, error):
     model = add_lora(_model(), _cfg(["v_proj"]))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(error):
         add_lora(model, config, adapter_name)
-    _assert_same(model, snap)
+    assert_unchanged(model, snap)
 
 
 def test_a_failed_first_add_lora_leaves_a_fresh_model_trainable():
     model = _model()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="without '.'"):
         add_lora(model, _cfg(["q_proj"]), adapter_name="a.b")
-    _assert_same(model, snap)
+    assert_unchanged(model, snap)
     assert all(p.requires_grad for p in model.parameters())
 
 
