@@ -207,3 +207,88 @@ def quantization_explorer(w: torch.Tensor | None = None):
         [size, kind, caption, picture],
         f"quantization explorer for {w.numel():,} weights (pick a blocksize and a type)",
     )
+
+
+# Chapter 4: what alpha and r do to training, under Adam and under SGD.
+
+
+def scaling_curves(
+    task, alpha: float, r: int, lrs: dict[str, float], steps: int = 150, seed: int = 0
+) -> dict[str, list[float]]:
+    """Training-loss curves of one LoRA layer (rank r, lora_alpha alpha) on a `LinearShiftTask`.
+
+    Args:
+        task: the task; the layer starts from its W0, A is drawn with `seed`, B is zero.
+        lrs: one learning rate per optimizer, e.g. {"adam": 1e-2, "sgd": 10.0}.
+    Returns:
+        {optimizer: losses}, the same data stream for every optimizer.
+    """
+    from lora_edu.experiments.dynamics import lora_student, train_lora
+
+    return {
+        opt: train_lora(lora_student(task, r, alpha, seed=seed), task, steps, lr, optimizer=opt)[
+            "loss"
+        ]
+        for opt, lr in lrs.items()
+    }
+
+
+def _final(losses: list[float]) -> str:
+    last = losses[-1]
+    return "diverged" if not last < float("inf") else f"{last:.3g}"
+
+
+def plot_scaling_curves(axes, curves: dict, label: str, reference: dict | None = None, **style):
+    """Draw `curves` ({optimizer: losses}) on one axis per optimizer; `reference` in gray."""
+    for ax, (opt, losses) in zip(axes, curves.items()):
+        if reference is not None:
+            ax.semilogy(reference[opt], color="0.6", lw=1.5, label="reference")
+        ax.semilogy(losses, label=f"{label}: final {_final(losses)}", **style)
+        ax.set_ylim(top=3 * losses[0])  # a diverging run leaves the plot instead of squashing it
+        ax.set(xlabel="step", ylabel="training loss", title=opt.upper() if opt == "sgd" else "Adam")
+        ax.legend(fontsize=8)
+
+
+def scaling_explorer(task, lrs: dict[str, float], steps: int = 150, reference=(16, 8)):
+    """Sliders for alpha and r: loss curves under each optimizer, against a reference setting.
+
+    Args:
+        task: a `LinearShiftTask`.
+        lrs: one learning rate per optimizer, kept fixed while alpha and r change.
+        reference: (alpha, r) of the gray reference curves.
+    """
+    import ipywidgets as widgets
+    from matplotlib.figure import Figure
+
+    r_slider = widgets.IntSlider(value=8, min=1, max=64, description="r", continuous_update=False)
+    a_slider = widgets.FloatLogSlider(
+        value=16, base=2, min=0, max=8, description="alpha", continuous_update=False
+    )
+    caption = widgets.Label()
+    picture = widgets.Image(format="png", width=640)
+    ref = scaling_curves(task, *reference, lrs, steps)
+    params = r_slider.value * (task.d_in + task.d_out)
+
+    def update(change=None):
+        r, alpha = r_slider.value, a_slider.value
+        curves = scaling_curves(task, alpha, r, lrs, steps)
+        fig = Figure(figsize=(8, 3.2), dpi=80)
+        plot_scaling_curves(fig.subplots(1, len(lrs)), curves, f"alpha={alpha:g}, r={r}", ref)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        picture.value = buf.getvalue()
+        finals = ", ".join(f"{opt} {_final(c)}" for opt, c in curves.items())
+        caption.value = (
+            f"r={r}, alpha={alpha:g}: s = alpha/r = {alpha / r:.3g}, "
+            f"{r * (task.d_in + task.d_out):,} trainable parameters; final loss {finals}"
+        )
+
+    r_slider.observe(update, names="value")
+    a_slider.observe(update, names="value")
+    update()
+    return _demo_box(
+        [r_slider, a_slider, caption, picture],
+        f"alpha and r explorer on a {task.d_out} x {task.d_in} layer, reference "
+        f"alpha={reference[0]}, r={reference[1]} ({params:,} parameters; drag the sliders)",
+    )
