@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from lora_edu.dora import dora_weight
 from lora_edu.experiments.llama import LlamaConfig, TinyLlama
 from lora_edu.inject import _is_target, _replace, lora_layers
 from lora_edu.lora import LoRALinear, base_weight
@@ -164,9 +165,14 @@ def dequantize_and_merge(model: nn.Module, dtype: torch.dtype = torch.float32) -
     """
     for name, layer in lora_layers(model):
         weight = base_weight(layer.base_layer).float()  # (out, in), dequantized if 4-bit
+        magnitudes = getattr(layer, "lora_magnitude_vector", {})  # DoRA adapters have one
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A and adapter not in layer.merged_adapters:
-                weight = weight + layer.delta_weight(adapter).float()
+                delta = layer.delta_weight(adapter).float()
+                if adapter in magnitudes:  # DoRA: m * (W + dW) / ||W + dW|| per row
+                    weight = dora_weight(weight, delta, magnitudes[adapter].detach().float())
+                else:
+                    weight = weight + delta
         bias = getattr(layer.base_layer, "bias", None)
         linear = nn.Linear(layer.in_features, layer.out_features, bias is not None, dtype=dtype)
         linear.weight.copy_(weight)

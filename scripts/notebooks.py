@@ -36,6 +36,9 @@ EXEC_ENV = {
     "MPLBACKEND": "module://matplotlib_inline.backend_inline",
 }
 REPO_LINE = re.compile(r'^REPO_URL = ".*"$', re.M)
+# Timings vary run to run: the stored notebook says so instead of storing one (identical files).
+TIME_LINE = re.compile(r"\[time\][^\n]*")
+TIME_STORED = "[time] (measured when you run this cell; see the performance appendix)"
 COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^)\s\"]+")
 
 
@@ -87,13 +90,22 @@ def execute(nb: nbformat.NotebookNode) -> float:
     client.execute()
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
-        if cell.cell_type == "code":
-            cell.outputs = merge_streams(cell.outputs)
-        for out in cell.get("outputs", []):
-            # Widget views point at a random model id and no state is saved: keep their text.
-            out.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+    normalize_outputs(nb)
     nb.metadata.pop("widgets", None)  # no saved widget state: the site loads no widget JS
     return time.perf_counter() - start
+
+
+def normalize_outputs(nb: nbformat.NotebookNode) -> None:
+    """Merge stream chunks, replace timing lines, drop widget views (random model ids)."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = merge_streams(cell.outputs)
+        for out in cell.outputs:
+            if out.output_type == "stream":
+                out.text = TIME_LINE.sub(TIME_STORED, out.text)
+            # Widget views point at a random model id and no state is saved: keep their text.
+            out.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
 
 
 def merge_streams(outputs: list) -> list:

@@ -89,6 +89,8 @@ def test_stored_outputs_are_complete_png_only_and_free_of_progress_bars(path):
             text = out.get("text", "") + data.get("text/plain", "")
             assert not re.search(r"\d+%\|", text), f"progress bar stored in cell {cell.id}"
             assert out.get("name") != "stderr", f"stderr stored in cell {cell.id}: {text[:200]}"
+            for line in re.findall(r"\[time\][^\n]*", text):  # timings vary: not stored
+                assert line == nbtool.TIME_STORED, f"a measured time is stored in {cell.id}"
             assert WIDGET not in data, "widget views are stored as text only (no model id)"
         texts = [o.get("data", {}).get("text/plain", "") for o in cell.outputs]
         if any(t.endswith(WIDGET_MARK) for t in texts):  # a lora_edu widget

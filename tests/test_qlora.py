@@ -354,3 +354,18 @@ def test_methods_are_validated_with_a_clear_message():
         Method("x", 0, 2, False, 4, 8, 2)
     with pytest.raises(ValueError, match=">= 0"):
         Method("x", 2, 2, False, -4, 8, 2)
+
+
+def test_dequantize_and_merge_keeps_dora_magnitudes_on_a_4bit_base():
+    torch.manual_seed(0)
+    model = prepare_qlora(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32)), skip=())
+    add_lora(model, LoRAConfig(r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(0.05 * torch.randn_like(p))  # as if trained: B and m both moved
+    x = torch.randn(16, 64)
+    expected = model(x)
+    merged = dequantize_and_merge(model)
+    assert isinstance(merged[0], nn.Linear) and isinstance(merged[2], nn.Linear)
+    assert torch.allclose(merged(x), expected, rtol=1e-5, atol=1e-5)
