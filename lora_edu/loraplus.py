@@ -122,7 +122,7 @@ def create_loraplus_optimizer(
         model: a model with LoRA adapters; only parameters that require grad are optimized.
         optimizer_cls: e.g. `torch.optim.AdamW`.
         lr: eta_A, the learning rate of A (and of every other trainable matrix).
-        loraplus_lr_ratio: lambda = eta_B / eta_A; the paper suggests 2**4 for most tasks.
+        loraplus_lr_ratio: lambda = eta_B / eta_A (>= 1; 16 is a common choice).
         loraplus_lr_embedding: learning rate of LoRA on embedding layers.
         loraplus_weight_decay: weight decay of every group (except groupB_no_decay).
         **kwargs: passed to `optimizer_cls` (betas, eps, ...).

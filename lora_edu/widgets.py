@@ -244,7 +244,9 @@ def plot_scaling_curves(axes, curves: dict, label: str, reference: dict | None =
         if reference is not None:
             ax.semilogy(reference[opt], color="0.6", lw=1.5, label="reference")
         ax.semilogy(losses, label=f"{label}: final {_final(losses)}", **style)
-        ax.set_ylim(top=3 * losses[0])  # a diverging run leaves the plot instead of squashing it
+        ys = [y for line in ax.get_lines() for y in line.get_ydata() if 0 < y < float("inf")]
+        # a diverging run leaves the plot through the top instead of squashing the others
+        ax.set_ylim(min(ys) / 1.5, 3 * losses[0])
         ax.set(xlabel="step", ylabel="training loss", title=opt.upper() if opt == "sgd" else "Adam")
         ax.legend(fontsize=8)
 

@@ -1,9 +1,11 @@
 """Experiments of the training-dynamics chapters (4: alpha and r, 5: rsLoRA, 6: LoRA+).
 
-- `lora_student`: a LoRA layer on the frozen W0 of a `LinearShiftTask`, seeded.
-- `train_lora`: Adam or SGD with separate learning rates for A and B, recording the loss
-  and the size of the learned update ||Delta W|| at every step.
+- `lora_student`: a LoRA layer on the frozen W0 of a `LinearShiftTask`, seeded
+  (`shift_task_on` moves a task to a GPU).
+- `train_lora`: Adam or SGD with separate learning rates for A and B, recording the loss,
+  the size of the learned update ||Delta W|| and the gradient norm at every step.
 - `first_step_drop`: how much one optimizer step lowers the loss, the "start of training".
+- `update_split`: how much one Adam step moves a layer's output through A and through B.
 - `pretrained_mlp(width)`: the book's MLP base at any hidden width, pretrained by one
   recipe (`MLP_BASE`), loaded from a stored file when there is one.
 - `ShiftedTeacherTask`: fine-tune a pretrained MLP towards a copy of itself whose hidden
@@ -209,7 +211,6 @@ class ShiftedTeacherTask:
         seed: int = 0,
     ):
         g = torch.Generator().manual_seed(seed)
-        self.base = base
         self.teacher = copy.deepcopy(base).requires_grad_(False)
         weight = self.teacher.get_submodule(layer).weight  # (d_out, d_in)
         d_out, d_in = weight.shape
