@@ -5,7 +5,7 @@ width n, with B starting at zero and A random, one learning rate for both
 factors cannot be efficient: learning stays stable only if eta_A shrinks with n,
 and then A barely moves. Efficient feature learning needs eta_B / eta_A = Theta(n);
 in practice a fixed ratio such as lambda = 16 is used. This module builds the
-optimizer exactly as PEFT's `peft.optimizers.create_loraplus_optimizer` does:
+optimizer exactly as PEFT's `peft.optimizers.create_loraplus_optimizer` does::
 
     group            parameters                                   lr           weight decay
     groupA           lora_A and every other trainable matrix      lr           loraplus_weight_decay
