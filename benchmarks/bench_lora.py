@@ -36,8 +36,14 @@ def _layers(d: int, r: int, seed: int = 0):
 
 
 def _fwd_bwd(layer, x):
+    # A fixed random upstream gradient, as a real loss gives: `.sum().backward()` would
+    # hand every layer a zero-stride gradient that some kernels first copy out.
+    grad = torch.randn(
+        x.shape[:-1] + (layer(x).shape[-1],), generator=torch.Generator().manual_seed(1)
+    )
+
     def step():
-        layer(x).sum().backward()
+        layer(x).backward(grad)
         x.grad = None
         for p in layer.parameters():
             p.grad = None
