@@ -21,6 +21,9 @@ assembles these pieces into `quantize_4bit` and `Linear4bit`.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +37,7 @@ __all__ = [
     "decode_blocks",
     "pack_4bit",
     "unpack_4bit",
+    "decode_4bit",
     "quantize_blockwise_dynamic",
     "dequantize_blockwise_dynamic",
 ]
@@ -233,8 +237,7 @@ def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
     return ((flat[0::2] << 4) | flat[1::2]).to(torch.uint8)[:, None]  # (ceil(n/2), 1)
 
 
-def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of `pack_4bit`: the first `n` codes as an int64 (n,) tensor."""
+def _check_packed(packed: torch.Tensor, n: int) -> None:
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed must be uint8, got {packed.dtype}")
     if packed.numel() != (n + 1) // 2:
@@ -242,6 +245,11 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
             f"packed holds {packed.numel()} bytes but {n} codes need {(n + 1) // 2}; "
             "was it made from another tensor than the one its state describes?"
         )
+
+
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_4bit`: the first `n` codes as an int64 (n,) tensor."""
+    _check_packed(packed, n)
     flat = packed.reshape(-1).long()  # (ceil(n/2),)
     return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]  # (n,)
 
@@ -266,3 +274,39 @@ def dequantize_blockwise_dynamic(
 ) -> torch.Tensor:
     """Undo `quantize_blockwise_dynamic`: dynamic_map()[q] * absmax of the block, float32."""
     return decode_blocks(q.reshape(-1), dynamic_map(), absmax, blocksize).view(q.shape)
+
+
+def decode_4bit(
+    packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, n: int
+) -> torch.Tensor:
+    """`decode_blocks(unpack_4bit(packed, n), code, absmax, blocksize)`, computed faster.
+
+    Two bytes hold four codes. Reading the bytes in pairs as 16-bit numbers, a table
+    with a row for each of the 65,536 possible pairs gives all four values in one
+    lookup; then one in-place multiply per block. On a 2-core CPU this is about 5x
+    faster than unpacking each nibble into an int64 index (benchmarks/), and it gives
+    the same float32 values bit for bit.
+    """
+    _check_packed(packed, n)
+    data = packed.reshape(-1).contiguous()  # (ceil(n/2),) uint8
+    if data.numel() % 2 or data.storage_offset() % 2:  # an odd count, or a misaligned view
+        data = torch.cat([data, data.new_zeros(data.numel() % 2)])
+    pairs = data.view(torch.int16).int() & 0xFFFF  # (ceil(n/4),) in [0, 65535]
+    values = _pair_table(tuple(code.tolist()), code.device).index_select(0, pairs)  # (., 4)
+    values = values.reshape(-1)[:n]  # (n,) float32 code values
+    full = n - n % blocksize  # elements in whole blocks
+    absmax = absmax.float()
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
+    values[full:].mul_(absmax[-1])  # the last, shorter block (empty if there is none)
+    return values
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_table(code: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(65536, 4) float32: row b0 + 256 * b1 holds the codes of bytes b0 then b1, high nibble first."""
+    table = torch.tensor(code, dtype=torch.float32, device=device)  # (16,)
+    u = torch.arange(65536, device=device)
+    b0, b1 = u & 0xFF, u >> 8  # the first byte is the low half of a little-endian int16
+    if sys.byteorder == "big":
+        b0, b1 = b1, b0
+    return torch.stack([table[b0 >> 4], table[b0 & 0xF], table[b1 >> 4], table[b1 & 0xF]], dim=1)

@@ -367,3 +367,20 @@ def test_linear4bit_buffers_and_compute_dtype():
     assert y.dtype == torch.float32 and y.shape == (2, 8)
     with pytest.raises(TypeError, match="nn.Linear"):
         Linear4bit.from_linear(nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 63, 64, 65, 130, 4097])
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_pair_table_decode_equals_nibble_by_nibble_decode(n, blocksize):
+    """dequantize_4bit's fast path (a lookup per two bytes) against the readable one."""
+    torch.manual_seed(n)
+    w = torch.randn(n) * torch.rand(n) * 10
+    for quant_type in ("nf4", "fp4"):
+        packed, state = quantize_4bit(w, quant_type=quant_type, blocksize=blocksize)
+        absmax = state.dequantize_absmax()
+        slow = quant.decode_blocks(unpack_4bit(packed, n), state.code, absmax, blocksize)
+        fast = quant.decode_4bit(packed, state.code, absmax, blocksize, n)
+        assert torch.equal(fast, slow)
+        shifted = torch.cat([packed.new_zeros(1, 1), packed])[1:]  # a view at an odd offset
+        assert shifted.storage_offset() == 1
+        assert torch.equal(quant.decode_4bit(shifted, state.code, absmax, blocksize, n), slow)
