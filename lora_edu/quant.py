@@ -36,6 +36,7 @@ from lora_edu.quant_codebooks import (
     _check_bits,
     _check_blocksize,
     _check_float,
+    decode_4bit,
     decode_blocks,
     dequantize_blockwise_dynamic,
     dynamic_map,
@@ -61,6 +62,7 @@ __all__ = [
     "scale_blocks",
     "nearest_code",
     "decode_blocks",
+    "decode_4bit",
     "pack_4bit",
     "unpack_4bit",
     "quantize_blockwise_dynamic",
@@ -234,8 +236,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
-    idx = unpack_4bit(packed, state.shape.numel())  # (n,)
-    w = decode_blocks(idx, state.code, state.dequantize_absmax(), state.blocksize)  # (n,) float32
+    n = state.shape.numel()
+    # = decode_blocks(unpack_4bit(packed, n), ...), with one lookup per two bytes
+    w = decode_4bit(packed, state.code, state.dequantize_absmax(), state.blocksize, n)  # (n,)
     return w.view(state.shape).to(state.dtype)
 
 
