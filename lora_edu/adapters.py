@@ -16,6 +16,8 @@ name. Safetensors, never pickle: reading an adapter cannot run code.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
@@ -72,9 +74,12 @@ def save_adapter(
 ) -> Path:
     """Write adapter `adapter_name` as adapter_model.safetensors + adapter_config.json.
 
-    Both files are written into a temporary directory beside `directory`, which is then
-    renamed into place, so an interrupted save never leaves a half-written adapter. An
-    existing `directory` may hold only a previous adapter (and PEFT's README.md).
+    Both files are written into a temporary directory beside `directory`, which then
+    takes its place: where the file system can swap two directories in one step (Linux's
+    renameat2 with RENAME_EXCHANGE), at every moment `directory` holds either the whole
+    previous adapter or the whole new one; elsewhere two renames leave a moment with no
+    directory, and an exception in between puts the previous one back. An existing
+    `directory` may hold only a previous adapter (and PEFT's README.md).
 
     Returns:
         the adapter directory.
@@ -113,15 +118,34 @@ def _write_directory(target: Path, files: dict[str, bytes]) -> None:
         for name in KEPT:
             if (target / name).is_file():
                 shutil.copy2(target / name, tmp / name)
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
+        if target.exists() and _exchange(tmp, target):
+            old = tmp  # one atomic step: target is the new adapter, tmp holds the old one
+        else:  # no exchange here: two renames, with a moment when target does not exist
+            if target.exists():
+                os.rename(target, old)
+            os.rename(tmp, target)
     except BaseException:
         if old.exists() and not target.exists():
             os.rename(old, target)  # put the previous adapter back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2); False where that is missing."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not glibc/Linux: fall back to two renames
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]  # dirfd, path x2
+    at_fdcwd, rename_exchange = -100, 2  # <fcntl.h>, <linux/fs.h>
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the file system cannot swap
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ q_proj and v_proj trains 4,194,304 of 6,742,609,920 numbers (0.06 %).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -44,9 +45,15 @@ OFF = (None, False, {}, [])  # a PEFT option with one of these values is switche
 
 @dataclass
 class LoRAConfig:
-    """Which layers get LoRA and how; the field names are PEFT's `LoraConfig` names."""
+    """Which layers get LoRA and how; the field names are PEFT's `LoraConfig` names.
 
-    r: int = 8  # rank of every update
+    Every field is checked here, with a message that names the bad value and what is
+    allowed; an unknown option is a TypeError that lists the options. As in PEFT, r may
+    reach or exceed min(in, out) of a layer: allowed, though it saves no parameters
+    there (see `LoRALinear`).
+    """
+
+    r: int = 8  # rank of every update, a positive integer
     lora_alpha: float = 8  # scaling = lora_alpha / r
     target_modules: list[str] | str | None = None  # names, a regex, or "all-linear"
     lora_dropout: float = 0.0  # dropout on the adapter's input only
@@ -61,6 +68,9 @@ class LoRAConfig:
         d = self.lora_dropout
         if isinstance(d, bool) or not isinstance(d, Real) or not 0 <= d < 1:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {d!r}")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.bias != "none":
             raise ValueError(f'bias must be "none" (lora_edu trains no biases), got {self.bias!r}')
         if self.init_lora_weights not in INIT_CHOICES:
@@ -102,8 +112,29 @@ class LoRAConfig:
         own = {f.name for f in fields(cls)}
         on = {k: v for k, v in d.items() if k not in own | PEFT_METADATA and v not in OFF}
         if on:
-            raise ValueError(f"the config sets PEFT options lora_edu does not support: {on}")
+            raise ValueError(
+                f"the config sets PEFT options lora_edu does not support: {on}. lora_edu reads "
+                f"{sorted(own)}; any other option must be off (null, false, {{}} or [])"
+            )
         return cls(**{k: d[k] for k in own if k in d})
+
+
+_dataclass_init = LoRAConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_naming_the_options(self, *args, **kwargs):
+    """The dataclass's __init__, but a misspelt option is named next to the known ones."""
+    unknown = sorted(set(kwargs) - {f.name for f in fields(LoRAConfig)})
+    if unknown:
+        raise TypeError(
+            f"LoRAConfig has no option(s) {unknown}; "
+            f"its options are {[f.name for f in fields(LoRAConfig)]}"
+        )
+    _dataclass_init(self, *args, **kwargs)
+
+
+LoRAConfig.__init__ = _init_naming_the_options
 
 
 def _check_targets(targets) -> None:

@@ -73,6 +73,19 @@ class LoRALinear(nn.Module):
             (A normal with std 1/r, B zero) or False (nn.Linear's random init for both).
         use_rslora: use rank-stabilized scaling.
         adapter_name: name of the first adapter; it is the active one.
+
+    Numerics. A float16/bfloat16 base gets float32 adapters: x goes through the base
+    layer in its own dtype and through the adapter in float32; the sum is taken in
+    float32 and rounded once to the base's dtype, so the output keeps the base's dtype
+    and only one extra rounding. A float16 output overflows to inf where the sum
+    exceeds 65504 (a huge lora_alpha can do that); `merge` refuses (OverflowError)
+    an update that would overflow the base weight's dtype. Any r >= 1 is allowed,
+    also r >= min(in, out): Delta W can then be any matrix, but r * (in + out)
+    trainable numbers are no fewer than in * out. Any finite lora_alpha > 0 is
+    allowed: with s * abs(B A x) far below abs(W0 x) (lora_alpha = 1e-8) the update
+    is lost in rounding. Merge then unmerge restores W0 up to the rounding of
+    W0 + Delta W (about 6e-8 times abs(Delta W) in float32), which with a huge
+    lora_alpha (1e8) is percents of W0: keep such an adapter unmerged.
     """
 
     def __init__(
@@ -230,7 +243,14 @@ class LoRALinear(nn.Module):
         return list(adapter_names)
 
     def _merge_adapter(self, name: str, weight: torch.Tensor) -> None:
-        weight += self.delta_weight(name).to(weight.dtype)  # (out, in), in place
+        merged = weight + self.delta_weight(name).to(weight.dtype)  # (out, in)
+        if not torch.isfinite(merged).all() and torch.isfinite(weight).all():
+            raise OverflowError(
+                f"merging adapter {name!r} overflows the base weight's {weight.dtype} (largest "
+                f"finite value {torch.finfo(weight.dtype).max:g}), so it was not merged; keep it "
+                "unmerged, or merge into a float32 copy of the base layer"
+            )
+        weight.copy_(merged)  # in place: the base layer keeps its parameter
 
     def _unmerge_adapter(self, name: str, weight: torch.Tensor) -> None:
         weight -= self.delta_weight(name).to(weight.dtype)  # (out, in), in place

@@ -202,6 +202,13 @@ def quantize_4bit(
     (ties to the lower code). An odd count is padded with the value 0 before
     coding, so the last low nibble holds the code of 0.0 (7 for NF4).
 
+    Bad input is refused where bitsandbytes (0.50, CPU) is silent. A NaN or inf
+    raises ValueError: bitsandbytes stores a NaN or inf absmax for that block, and
+    every value of the block then decodes to NaN or inf. An empty tensor raises
+    ValueError (bitsandbytes returns empty codes). Integer, bool, complex and float64
+    tensors raise ValueError, and so does a blocksize outside 32, 64, ..., 4096 or a
+    quant_type other than "nf4" and "fp4", as in bitsandbytes.
+
     Args:
         w: a finite, non-empty float16/bfloat16/float32 tensor of any shape.
         quant_type: "nf4" or "fp4".

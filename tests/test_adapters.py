@@ -111,11 +111,12 @@ def test_an_interrupted_save_leaves_the_old_adapter_or_nothing(tmp_path, monkeyp
         assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
-def test_an_interrupted_swap_puts_the_old_adapter_back(tmp_path, monkeypatch):
+def test_an_interrupted_two_rename_swap_puts_the_old_adapter_back(tmp_path, monkeypatch):
     target = tmp_path / "a"
     save_adapter(_adapted(seed=0), target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     real_rename = os.rename
+    monkeypatch.setattr(adapters, "_exchange", lambda a, b: False)  # no atomic swap here
 
     def rename(src, dst):
         if ".tmp-" in str(src):
