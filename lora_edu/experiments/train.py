@@ -24,6 +24,7 @@ def train(
     data_seed: int = 0,
     params=None,
     desc: str | None = None,
+    callback=None,
 ) -> list[float]:
     """Train `model` on `task` and return the loss at every step.
 
@@ -36,6 +37,8 @@ def train(
         data_seed: seeds the data stream, identical across compared runs.
         params: parameters or parameter groups to optimize (default: trainable ones).
         desc: label of the progress bar (shown on Colab, hidden when TQDM_DISABLE=1).
+        callback: called as callback(step) after every optimizer step (step = 1, 2, ...),
+            e.g. to evaluate the model along the way.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad] if params is None else params
@@ -43,12 +46,14 @@ def train(
     gen = torch.Generator().manual_seed(data_seed)
     losses = []
     disable = bool(os.environ.get("TQDM_DISABLE"))
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=disable):
+    for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=disable):
         loss = task.loss(model, task.sample(batch_size, gen, device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if callback is not None:
+            callback(step)
     return losses
 
 
