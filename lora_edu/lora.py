@@ -187,7 +187,11 @@ class LoRALinear(nn.Module):
         return result.to(out_dtype)
 
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """`result` plus one adapter's update, scaling * B(A(dropout(x))); x in the adapter's dtype."""
+        """`result` plus one adapter's update, scaling * B(A(dropout(x))); x in the adapter's dtype.
+
+        B's weight enters a fused multiply-add directly, so forward hooks registered on
+        `lora_B[name]` do not fire (hook `lora_A[name]` or this layer instead).
+        """
         h = self.lora_A[name](self.lora_dropout[name](x))  # (..., r)
         # The same as `result + self.lora_B[name](h) * scaling`, as one fused multiply-add:
         # addmm writes one (tokens, out) tensor where that line writes three (and its
