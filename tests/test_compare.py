@@ -46,7 +46,7 @@ def test_run_reports_disk_bytes_counts_and_a_path_of_both_tasks(base):
     new, old = SequenceTask("shift", sep=33), SequenceTask("copy")
     run = run_method(base, Method(1e-2, ADAPTERS), new, steps=6, batch_size=4,
                      old_task=old, every=3)  # fmt: skip
-    assert [p[0] for p in run["path"]] == [1, 3, 6]
+    assert [p[0] for p in run["path"]] == [0, 3, 6]
     assert run["trainable"] == sum(p.numel() for p in run["model"].parameters() if p.requires_grad)
     # the adapter file holds 4 bytes per trained number plus a small header and the JSON
     assert 4 * run["trainable"] < run["disk"] < 4 * run["trainable"] + 16_384

@@ -134,7 +134,7 @@ def run_method(
     Returns a dict: model, losses (every step), loss (held-out, after training),
     old_loss (held-out loss on `old_task` after training, if given: forgetting),
     trainable and total numbers, disk (bytes), memory (`step_memory`), seconds, and
-    if `every` > 0, path: (step, held-out loss, old-task loss) every `every` steps
+    if `every` > 0, path: (step, held-out loss, old-task loss) at step 0 and every `every` steps
     (on 128 samples each; the time they take is not in `seconds`).
     """
     torch.manual_seed(seed)  # adapter initialization
@@ -144,12 +144,13 @@ def run_method(
 
     def checkpoint(step: int) -> None:
         nonlocal spent
-        if every and (step % every == 0 or step == 1):
+        if every and step % every == 0:
             t = time.perf_counter()
             old = None if old_task is None else evaluate(model, old_task, n=128)
             path.append((step, evaluate(model, task, n=128), old))
             spent += time.perf_counter() - t
 
+    checkpoint(0)  # the base model with its fresh adapters
     torch.manual_seed(seed)
     start = time.perf_counter()
     losses = train(

@@ -17,17 +17,15 @@ def sig(x: float, digits: int = 3) -> float:
     return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
 
 
-class _Text(str):
-    """A string that shows without quotes (its repr is itself)."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
 def glue(name: str, value, display: bool = False) -> None:
-    """Store `value` under `name` for `{glue:text}` roles in the book's prose (strings unquoted)."""
+    """Store `value` under `name` for `{glue:text}` roles in the book's prose.
+
+    A string shows exactly as given: myst-nb reads a stored value back with
+    `ast.literal_eval`, so a string is stored quoted (its repr); were it stored bare,
+    "4,100" would come back as the tuple (4, 100) and "9.0e-08" as 9e-08.
+    """
     try:
         from myst_nb import glue as _glue
     except ImportError:  # e.g. on Colab: the prose is not built there
         return
-    _glue(name, _Text(value) if isinstance(value, str) else value, display=display)
+    _glue(name, value, display=display)
