@@ -1,19 +1,21 @@
 """lora_edu: every idea of the book *LoRA Internals* as small, tested PyTorch code.
 
 One module per chapter: `linalg` (rank and the SVD), `lora` (the LoRA layer),
-`inject` and `adapters` (LoRA inside a model, PEFT's file format), `scaling`
-(alpha / r and rsLoRA), `dora` (DoRA), `quant` (absmax to NF4, double quantization, Linear4bit).
+`inject`, `combine` and `adapters` (LoRA inside a model, combining adapters, PEFT's
+file format), `scaling` (alpha / r and rsLoRA), `loraplus`, `dora` (DoRA), `quant`
+(absmax to NF4, double quantization, Linear4bit), `qlora` and `memory` (QLoRA and
+what training costs).
 `plot` and `widgets` are the book's figure helpers; they import matplotlib and
 ipywidgets lazily, so the package itself needs only torch, numpy, safetensors
 and tqdm.
 """
 
 from lora_edu.adapters import load_adapter, save_adapter
+from lora_edu.combine import add_weighted_adapter
 from lora_edu.dora import DoRALinear
 from lora_edu.inject import (
     LoRAConfig,
     add_lora,
-    add_weighted_adapter,
     count_parameters,
     disable_adapter,
     merge_and_unload,

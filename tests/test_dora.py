@@ -9,12 +9,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_edu.adapters import load_adapter, save_adapter
+from lora_edu.combine import add_weighted_adapter
 from lora_edu.dora import DoRALinear, dora_weight, magnitude_scale, saved_bytes
 from lora_edu.experiments import MLP
 from lora_edu.inject import (
     LoRAConfig,
     add_lora,
-    add_weighted_adapter,
     count_parameters,
     lora_layers,
     merge_and_unload,

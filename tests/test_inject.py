@@ -8,10 +8,10 @@ import torch
 from model_state import assert_unchanged, snapshot
 from torch import nn
 
+from lora_edu.combine import add_weighted_adapter
 from lora_edu.inject import (
     LoRAConfig,
     add_lora,
-    add_weighted_adapter,
     count_parameters,
     disable_adapter,
     merge_and_unload,

@@ -13,11 +13,11 @@ from peft.tuners.lora import LoraLayer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lora_edu.adapters import load_adapter, save_adapter
+from lora_edu.combine import add_weighted_adapter
 from lora_edu.experiments import MLP
 from lora_edu.inject import (
     LoRAConfig,
     add_lora,
-    add_weighted_adapter,
     lora_layers,
     merge_and_unload,
     print_trainable_parameters,
