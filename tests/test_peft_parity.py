@@ -14,7 +14,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lora_edu.adapters import load_adapter, save_adapter
 from lora_edu.combine import add_weighted_adapter
-from lora_edu.experiments import MLP
 from lora_edu.inject import (
     LoRAConfig,
     add_lora,
@@ -23,19 +22,12 @@ from lora_edu.inject import (
     print_trainable_parameters,
     set_adapter,
 )
-
-TOL = 1e-5  # relative, float32
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=100)  # fmt: skip
-TARGETS = {"mlp": ["fc1", "fc2", "fc3"], "llama": ["q_proj", "k_proj", "v_proj", "down_proj"]}
+from tests.peft_common import LLAMA, TARGETS, TOL, make_bases
 
 
 @pytest.fixture(scope="module")
 def bases():
-    torch.manual_seed(0)
-    mlp = MLP(d_in=8, d_hidden=32, d_out=4)
-    llama = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
-    return {"mlp": mlp, "llama": llama}
+    return make_bases()
 
 
 def _inputs(kind):
