@@ -12,7 +12,6 @@ q_proj and v_proj trains 4,194,304 of 6,742,609,920 numbers (0.06 %).
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +59,14 @@ class LoRAConfig:
     bias: str = "none"  # only "none": biases stay frozen
     init_lora_weights: bool | str = True  # True, "gaussian", or False (random B, for tests)
     modules_to_save: list[str] | None = None  # not supported yet: must stay None
+
+    def __new__(cls, *args, **kwargs):
+        """Before the dataclass's __init__ runs: a misspelt option is named beside the known ones."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise TypeError(f"LoRAConfig has no option(s) {unknown}; its options are {known}")
+        return super().__new__(cls)
 
     def __post_init__(self):
         lora_scaling(self.lora_alpha, self.r, self.use_rslora)  # validates r and lora_alpha
@@ -115,24 +122,6 @@ class LoRAConfig:
                 f"{sorted(own)}; any other option must be off (null, false, {{}} or [])"
             )
         return cls(**{k: d[k] for k in own if k in d})
-
-
-_dataclass_init = LoRAConfig.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init_naming_the_options(self, *args, **kwargs):
-    """The dataclass's __init__, but a misspelt option is named next to the known ones."""
-    unknown = sorted(set(kwargs) - {f.name for f in fields(LoRAConfig)})
-    if unknown:
-        raise TypeError(
-            f"LoRAConfig has no option(s) {unknown}; "
-            f"its options are {[f.name for f in fields(LoRAConfig)]}"
-        )
-    _dataclass_init(self, *args, **kwargs)
-
-
-LoRAConfig.__init__ = _init_naming_the_options
 
 
 def _check_targets(targets) -> None:
