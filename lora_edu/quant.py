@@ -36,6 +36,7 @@ from lora_edu.quant_codebooks import (
     _check_bits,
     _check_blocksize,
     _check_float,
+    _check_packed,
     decode_4bit,
     decode_blocks,
     dequantize_blockwise_dynamic,
@@ -293,7 +294,7 @@ class Linear4bit(nn.Module):
         super().__init__()
         if len(state.shape) != 2:
             raise ValueError(f"Linear4bit needs a 2-D (out, in) weight, got {tuple(state.shape)}")
-        unpack_4bit(packed, state.shape.numel())  # raises if packed does not fit the state
+        _check_packed(packed, state.shape.numel())  # raises if packed does not fit the state
         self.out_features, self.in_features = state.shape
         self.register_buffer("packed", packed)
         for name in _STATE_TENSORS:
