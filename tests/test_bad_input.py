@@ -460,19 +460,21 @@ def _can_exchange(tmp_path):
         shutil.rmtree(tmp_path / "probe")
 
 
-def _two_adapters(tmp_path):
-    target = tmp_path / "a"
+def _old_and_new(tmp_path, monkeypatch, exchange):
+    """An adapter saved at run/a (the old one, with a README), a model holding a different
+    one, the files each gives; the atomic exchange on or off (skip where it is missing)."""
+    target = tmp_path / "run" / "a"
     save_adapter(_adapted(seed=0), target)
     (target / "README.md").write_text("card")
     old = _files(target)
     model = _adapted(seed=7, lora_alpha=5)  # its config differs too, not only its tensors
-    return target, old, model
-
-
-def _new_files(tmp_path, model):
     save_adapter(model, tmp_path / "reference")
-    new = _files(tmp_path / "reference")
-    return {**new, "README.md": b"card"}
+    new = {**_files(tmp_path / "reference"), "README.md": b"card"}
+    if not exchange:
+        monkeypatch.setattr(adapters, "_exchange", lambda a, b: False)
+    elif not _can_exchange(tmp_path):
+        pytest.skip("this file system cannot swap two directories")
+    return target, old, model, new
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
@@ -480,12 +482,7 @@ def _new_files(tmp_path, model):
 def test_an_interrupted_save_leaves_the_old_adapter_or_the_new_one_whole(
     tmp_path, monkeypatch, step, nth, exchange
 ):
-    target, old, model = _two_adapters(tmp_path / "run")
-    new = _new_files(tmp_path, model)
-    if not exchange:
-        monkeypatch.setattr(adapters, "_exchange", lambda a, b: False)
-    elif not _can_exchange(tmp_path):
-        pytest.skip("this file system cannot swap two directories")
+    target, old, model, new = _old_and_new(tmp_path, monkeypatch, exchange)
 
     def stop():
         raise KeyboardInterrupt
@@ -521,12 +518,7 @@ def test_a_save_killed_at_any_step_never_leaves_a_mixed_adapter(
     renames, a crash between them leaves no target, and the old adapter whole in a hidden
     directory beside it; never a mixture.
     """
-    target, old, model = _two_adapters(tmp_path / "run")
-    new = _new_files(tmp_path, model)
-    if not exchange:
-        monkeypatch.setattr(adapters, "_exchange", lambda a, b: False)
-    elif not _can_exchange(tmp_path):
-        pytest.skip("this file system cannot swap two directories")
+    target, old, model, new = _old_and_new(tmp_path, monkeypatch, exchange)
     files = {
         adapters.WEIGHTS_NAME: (tmp_path / "reference" / WEIGHTS).read_bytes(),
         adapters.CONFIG_NAME: (tmp_path / "reference" / CONFIG).read_bytes(),
